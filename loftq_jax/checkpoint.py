@@ -60,7 +60,7 @@ def find_safetensors(model_dir: str | Path) -> list[Path]:
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor lives and what it is, read from the safetensors header alone."""
+    """A tensor's file, shape and dtype, read from the safetensors header alone."""
 
     name: str
     file: Path

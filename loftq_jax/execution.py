@@ -1,9 +1,11 @@
 """Running LoftQ over many weights: same-shape groups, chunks sized to a memory budget, spread over devices.
 
 Weights of one (shape, dtype) form a group that shares one compiled, vmapped LoftQ. A group is cut into
-chunks whose working memory fits `max_memory`, and each chunk is split along its batch axis over a
-one-axis device mesh with `jax.shard_map`, so every local device (or, after `jax.distributed.initialize`,
-every device of every host) factorizes its own slice of the chunk.
+chunks whose working memory fits `max_memory`. Each chunk is split along its batch axis over a one-axis
+device mesh with `jax.shard_map`, so every local device factorizes its own slice of the chunk. After
+`jax.distributed.initialize` the mesh spans every device of every host.
+
+NOTE: the multi-host path (`jax.process_count() > 1`) has not been run yet; only 1 and 4 local devices are tested.
 """
 
 import dataclasses
@@ -112,7 +114,7 @@ class LoftQRunner:
     def _put(self, padded: np.ndarray) -> jax.Array:
         if jax.process_count() == 1:
             return jax.device_put(padded, self.sharding)
-        # Every host holds the whole chunk, so each one hands over the rows of its own devices.
+        # Every host has the whole chunk in memory, so each one passes on the rows of its own devices.
         return jax.make_array_from_callback(padded.shape, self.sharding, lambda index: padded[index])
 
     @staticmethod

@@ -88,7 +88,7 @@ def spectral_norm(m: jax.Array) -> jax.Array:
     """Return the largest singular value of `m` as √(largest eigenvalue of its smaller Gram matrix).
 
     A symmetric eigensolver on the min(out, in)-sized Gram matrix costs less than the SVD behind
-    `jnp.linalg.norm(m, 2)`; squaring keeps the largest singular value to float32 relative precision.
+    `jnp.linalg.norm(m, 2)`. Squaring keeps the largest singular value to float32 relative precision.
     """
     gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
     return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0.0))
@@ -202,7 +202,7 @@ def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "wei
       out_dtype: dtype of Q, A and B; defaults to w's dtype.
 
     Returns:
-      A `LoftQResult`; `errors` holds the relative Frobenius error after every step.
+      A `LoftQResult` whose `errors` contains the relative Frobenius error after every step.
 
     Raises:
       InputError: `w` is not a finite floating-point matrix, or `config.rank` exceeds min(out, in).
