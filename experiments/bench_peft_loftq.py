@@ -327,7 +327,9 @@ def _time_jax_svd(w: np.ndarray) -> float:
 def run_parent(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_quantize import load_average, machine_info, make_weight, relative_error_f64, write_readme_section
-    from loftq_jax import QuantConfig
+    from loftq_jax import QuantConfig, runtime
+
+    allocator_configured = runtime.configure_allocator()
 
     venv_python = args.venv / "bin" / "python"
     if not venv_python.exists():
@@ -337,6 +339,7 @@ def run_parent(args: argparse.Namespace) -> None:
     results = {"machine": machine_info(), "load_average_before": load_average()}
     results["weight"] = {"shape": list(w.shape), "source": f"i.i.d. normal, std 0.02, numpy default_rng seed {args.seed}"}
     results["settings"] = {"bits": BITS, "rank": RANK, "block_size": BLOCK_SIZE, "steps": args.steps, "exact_steps": args.exact_steps}
+    results["allocator_configured"] = allocator_configured
 
     with tempfile.TemporaryDirectory(prefix="bench_peft_loftq_") as tmp:
         work_dir = Path(tmp)
@@ -367,6 +370,10 @@ def run_parent(args: argparse.Namespace) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "peft_loftq.json").write_text(json.dumps(results, indent=2) + "\n")
     readme = write_readme_section(args.out_dir, "peft_loftq", render_markdown(results))
+    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
+        from readme_summary import update_readme
+
+        update_readme()
     print(f"wrote {args.out_dir / 'peft_loftq.json'} and {readme}")
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 import jaxlib
 from loftq_jax import LoftQConfig, QuantConfig, dequantize, fake_quant, loftq, loftq_unchecked, quantize
+from loftq_jax import runtime
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "results" / "bench"
@@ -140,6 +141,17 @@ def time_calls(functions: dict[str, Callable[[], object]], repeats: int) -> tupl
     return samples, outputs
 
 
+def minor_faults_per_call(functions: dict[str, Callable[[], object]], calls: int = 3) -> dict[str, float]:
+    """Return the minor page faults of one call of each function, averaged over `calls` calls."""
+    faults = {}
+    for name, function in functions.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(calls):
+            jax.block_until_ready(function())
+        faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+    return faults
+
+
 def time_first_call(function: Callable[[], object]) -> tuple[float, object]:
     """Return the seconds of one call, compilation included, and its output."""
     start = time.perf_counter()
@@ -174,7 +186,7 @@ def write_readme_section(out_dir: Path, key: str, markdown: str) -> Path:
 # Quantizer throughput
 
 
-def bench_quantizers(w: np.ndarray, repeats: int) -> dict:
+def bench_quantizers(w: np.ndarray, repeats: int, allocator_configured: bool) -> dict:
     """Time a NumPy elementwise multiply against fake_quant, quantize and dequantize (NF4, block 64)."""
     config = QuantConfig(bits=4, codebook="nf", block_size=64)
     w_jax = jax.device_put(w)
@@ -196,6 +208,8 @@ def bench_quantizers(w: np.ndarray, repeats: int) -> dict:
     elements = w.size
     return {
         "config": {"bits": 4, "codebook": "nf", "block_size": 64},
+        "allocator_configured": allocator_configured,
+        "minor_faults_per_call": minor_faults_per_call(functions),
         "elements": elements,
         "first_call_s": first_call_s,
         "samples_s": samples,
@@ -206,6 +220,14 @@ def bench_quantizers(w: np.ndarray, repeats: int) -> dict:
         "fake_quant_matches_dequantize": bool(jnp.array_equal(fake_quantized, dequantize(packed))),
         "qlora_relative_error": relative_error_f64(w, np.asarray(fake_quantized)),
     }
+
+
+def bench_quantizers_default_malloc(size: int, seed: int, repeats: int) -> dict:
+    """Run `bench_quantizers` in a child process that keeps glibc's default allocator settings."""
+    command = [sys.executable, __file__, "--quantizers-child", "--size", str(size), "--seed", str(seed), "--repeats", str(repeats)]
+    env = dict(os.environ, **{runtime.DISABLE_ENV: "1"})
+    completed = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,6 +381,27 @@ def _render_quantizers(quant: dict, cores: int) -> list[str]:
     return lines
 
 
+def _render_default_malloc(configured: dict, default: dict) -> list[str]:
+    faults_default = default["minor_faults_per_call"]
+    faults_configured = configured["minor_faults_per_call"]
+    return [
+        "The run above calls `loftq_jax.runtime.configure_allocator()` first, as the `loftq-jax` command does. "
+        "The same measurement in a fresh process with glibc's default allocator settings:",
+        "",
+        "| operation | median, default allocator | minor page faults per call, default / configured |",
+        "|---|---|---|",
+        *(
+            f"| `{key}` | {_seconds(default['median_s'][key])} | {faults_default[key]:.0f} / {faults_configured[key]:.0f} |"
+            for key in ("numpy_multiply", "fake_quant", "quantize", "dequantize")
+        ),
+        "",
+        f"Throughput of `fake_quant` relative to the NumPy multiply with the default allocator: "
+        f"**{default['fake_quant_over_numpy_throughput']:.2f}**. With glibc's defaults, every weight-sized output "
+        "buffer that jaxlib allocates is a fresh mmap, paid for with one page fault per 4 KiB page, while NumPy "
+        "gets transparent huge pages.",
+    ]
+
+
 def _render_loftq(runs: list[dict]) -> list[str]:
     config = runs[0]["config"]
     lines = [
@@ -397,6 +440,8 @@ def _render_memory(memory: dict) -> list[str]:
 def render_markdown(results: dict) -> str:
     lines = ["## Quantization and LoftQ", ""] + _render_machine(results)
     lines += [""] + _render_quantizers(results["quantizers"], results["machine"]["cores_usable"])
+    if results.get("quantizers_default_malloc"):
+        lines += [""] + _render_default_malloc(results["quantizers"], results["quantizers_default_malloc"])
     lines += [""] + _render_loftq(results["loftq"])
     if results.get("memory_8bit"):
         lines += [""] + _render_memory(results["memory_8bit"])
@@ -427,6 +472,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-exact", action="store_true", help="skip LoftQ with exact SVD (minutes per call)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where quantize.json and README.md go")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quantizers-child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -435,6 +481,12 @@ def main(argv=None) -> None:
     if args.memory_child:
         _memory_child(args.size, args.seed)
         return
+    if args.quantizers_child:
+        # Runs with glibc's default allocator settings, for comparison; see loftq_jax.runtime.
+        w = make_weight((args.size, args.size), args.seed)
+        print(json.dumps(bench_quantizers(w, args.repeats, allocator_configured=False)))
+        return
+    allocator_configured = runtime.configure_allocator()
 
     if args.weight is not None:
         w = np.load(args.weight).astype(np.float32)
@@ -448,8 +500,13 @@ def main(argv=None) -> None:
     results["repeats"] = {"quantizers": args.repeats, "loftq_randomized": args.loftq_repeats, "loftq_exact": args.exact_repeats}
 
     print("quantizer throughput ...", flush=True)
-    results["quantizers"] = bench_quantizers(w, args.repeats)
+    results["quantizers"] = bench_quantizers(w, args.repeats, allocator_configured)
     print(f"  fake_quant / numpy throughput: {results['quantizers']['fake_quant_over_numpy_throughput']:.2f}", flush=True)
+    if args.weight is None:
+        print("quantizer throughput with glibc's default allocator (fresh process) ...", flush=True)
+        results["quantizers_default_malloc"] = bench_quantizers_default_malloc(args.size, args.seed, args.repeats)
+        ratio = results["quantizers_default_malloc"]["fake_quant_over_numpy_throughput"]
+        print(f"  fake_quant / numpy throughput: {ratio:.2f}", flush=True)
 
     results["loftq"] = []
     runs = [("randomized", args.loftq_repeats)] + ([] if args.skip_exact else [("exact", args.exact_repeats)])
@@ -466,6 +523,10 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "quantize.json").write_text(json.dumps(results, indent=2) + "\n")
     readme = write_readme_section(args.out_dir, "quantize", render_markdown(results))
+    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
+        from readme_summary import update_readme
+
+        update_readme()
     print(f"wrote {args.out_dir / 'quantize.json'} and {readme}")
 
 

@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 
+from loftq_jax import runtime
 from loftq_jax.errors import InputError
 
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # JAX logs backend probing (such as a missing TPU) at INFO; only its warnings concern users.
     logging.getLogger("jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    runtime.configure_allocator()
     try:
         args.run(args)
     except InputError as error:

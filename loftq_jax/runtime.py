@@ -1,0 +1,49 @@
+"""Process settings that make JAX on CPU faster for weight-sized arrays.
+
+jaxlib's CPU client allocates each output buffer with malloc from its worker threads. glibc serves a request
+above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps it on free, and a worker thread's arena
+falls back to mmap as well because it cannot grow past 64 MiB. So each output of a (4096, 4096) float32
+weight is new memory that the kernel fills page by page: 16384 page faults, about 15 ms, on every call
+(measured with jax 0.10.2 and glibc 2.36 by `experiments/bench_quantize.py`). Keeping all allocations in the
+main heap and never trimming it lets freed buffers be reused.
+"""
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameter numbers from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+DISABLE_ENV = "LOFTQ_JAX_DEFAULT_MALLOC"
+
+
+def configure_allocator() -> bool:
+    """Make glibc reuse freed large buffers: one arena, no mmap per buffer, no trimming.
+
+    Call it before the first JAX computation. Freed memory then stays with the process for reuse, so the
+    resident size stays at its high-water mark instead of shrinking. Setting the
+    environment variable LOFTQ_JAX_DEFAULT_MALLOC=1 keeps glibc's defaults.
+
+    Returns:
+      True when the settings were applied; False on platforms without glibc or when disabled.
+    """
+    if os.environ.get(DISABLE_ENV) or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    applied = all(mallopt(parameter, value) == 1 for parameter, value in settings)
+    if not applied:
+        logger.warning("glibc rejected the allocator settings; large JAX buffers may page-fault on every call")
+    return applied

@@ -1,0 +1,66 @@
+"""Tests of loftq_jax.runtime: the allocator settings stop per-call page faults of large JAX outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loftq_jax import runtime
+
+# Prints the median minor page faults of one call of a jitted multiply over a (4096, 4096) float32 array.
+# The heap needs a few calls to grow to its working size, so the first ten calls are not counted.
+FAULT_PROBE = """
+import json, resource, statistics, sys
+from loftq_jax import runtime
+configured = runtime.configure_allocator() if sys.argv[1] == "configure" else False
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+scale = jax.jit(lambda x: x * 1.5)
+for _ in range(10):
+    scale(x).block_until_ready()
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    scale(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"configured": configured, "faults_per_call": statistics.median(faults)}))
+"""
+
+PAGES_PER_OUTPUT = 4096 * 4096 * 4 // 4096
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+
+
+def _probe(mode: str, env_extra: dict[str, str] | None = None) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != runtime.DISABLE_ENV}
+    env.update(env_extra or {})
+    completed = subprocess.run(
+        [sys.executable, "-c", FAULT_PROBE, mode], env=env, check=True, capture_output=True, text=True, timeout=300
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@linux_only
+def test_configured_allocator_reuses_output_buffers():
+    configured = _probe("configure")
+
+    assert configured["configured"] is True
+    assert configured["faults_per_call"] < PAGES_PER_OUTPUT / 10
+
+
+@linux_only
+def test_default_allocator_faults_every_page():
+    # Shows what the settings fix: without them each 64 MiB output is faulted in page by page.
+    default = _probe("default")
+
+    assert default["faults_per_call"] > PAGES_PER_OUTPUT / 2
+
+
+@linux_only
+def test_disable_variable_keeps_defaults():
+    disabled = _probe("configure", {runtime.DISABLE_ENV: "1"})
+
+    assert disabled["configured"] is False
+    assert disabled["faults_per_call"] > PAGES_PER_OUTPUT / 2
