@@ -108,16 +108,18 @@ def _errors(w, approx, config: LoftQConfig):
     return relative_error(w, approx), spectral
 
 
-def loftq_unchecked(w: jax.Array, config: LoftQConfig, out_dtype=None) -> LoftQResult:
+def loftq_unchecked(w: jax.Array, config: LoftQConfig, out_dtype=None, *, key: jax.Array | None = None) -> LoftQResult:
     """Run LoftQ on one weight without input checks: pure, jit-able and vmap-able.
 
     Computes in float32 whatever the input dtype; returns Q, A and B in `out_dtype` (default: w's dtype).
+    `key` seeds the randomized SVD's sketches (default: `jax.random.key(config.seed)`); step t uses
+    `fold_in(key, t)`. Under vmap, pass one key per weight so that weights do not share sketches.
     """
     out_dtype = w.dtype if out_dtype is None else out_dtype
     w = w.astype(jnp.float32)
     num_out, num_in = w.shape
     quant_config = config.quant_config
-    key = jax.random.key(config.seed)
+    key = jax.random.key(config.seed) if key is None else key
 
     def factorize(residual, step):
         return svd_lib.low_rank(
@@ -192,7 +194,9 @@ def check_weight(w, config: LoftQConfig, name: str = "weight", *, batched: bool 
         raise InputError(f"{name}: {num_bad} of {int(np.prod(shape))} elements are NaN or Inf; LoftQ needs finite weights")
 
 
-def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "weight", out_dtype=None) -> LoftQResult:
+def loftq(
+    w: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "weight", out_dtype=None, key: jax.Array | None = None
+) -> LoftQResult:
     """Check `w` and run LoftQ on it, compiled once per (shape, dtype, config).
 
     Args:
@@ -200,6 +204,7 @@ def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "wei
       config: quantizer, rank, steps and SVD settings.
       name: tensor name used in error messages.
       out_dtype: dtype of Q, A and B; defaults to w's dtype.
+      key: PRNG key of the randomized SVD; defaults to `jax.random.key(config.seed)`.
 
     Returns:
       A `LoftQResult` whose `errors` contains the relative Frobenius error after every step.
@@ -211,7 +216,7 @@ def loftq(w: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "wei
       Li et al., 2024, LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models, arXiv 2310.08659.
     """
     check_weight(w, config, name)
-    return _loftq_jit(jnp.asarray(w), config, out_dtype)
+    return _loftq_jit(jnp.asarray(w), config, out_dtype, key=key)
 
 
 def loftq_batched(ws: jax.Array, config: LoftQConfig = LoftQConfig(), *, name: str = "weights", out_dtype=None) -> LoftQResult:

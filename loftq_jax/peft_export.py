@@ -36,17 +36,21 @@ def lora_keys(module: str) -> tuple[str, str]:
     return f"{PEFT_KEY_PREFIX}{module}.lora_A.weight", f"{PEFT_KEY_PREFIX}{module}.lora_B.weight"
 
 
-def lora_tensors(module: str, a_OxR: np.ndarray, b_RxI: np.ndarray) -> dict[str, np.ndarray]:
-    """Return a module's adapters under PEFT's keys, given our factors with W ≈ Q + scaling·A·B.
+def lora_tensors(module: str, a: np.ndarray, b: np.ndarray, *, fan_in_fan_out: bool = False) -> dict[str, np.ndarray]:
+    """Return a module's adapters under PEFT's keys, given our factors with W ≈ Q + scaling·a·b.
 
-    PEFT computes x·lora_Aᵀ·lora_Bᵀ, so its update is lora_B·lora_A: our A (out x r) is its lora_B and
-    our B (r x in) its lora_A.
+    PEFT computes x·lora_Aᵀ·lora_Bᵀ, so its update is lora_B·lora_A. For nn.Linear, W is (out, in): our
+    a (out x r) is its lora_B and our b (r x in) its lora_A. With `fan_in_fan_out`, W is stored (in, out) as
+    transformers' Conv1D does and PEFT adds (lora_B·lora_A)ᵀ = lora_Aᵀ·lora_Bᵀ to it, so our a (in x r) is
+    lora_Aᵀ and our b (r x out) is lora_Bᵀ.
     """
-    a_OxR, b_RxI = np.asarray(a_OxR), np.asarray(b_RxI)
-    if a_OxR.ndim != 2 or b_RxI.ndim != 2 or a_OxR.shape[1] != b_RxI.shape[0]:
-        raise ValueError(f"{module}: adapter shapes {a_OxR.shape} and {b_RxI.shape} are not (out, r) and (r, in)")
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{module}: adapter shapes {a.shape} and {b.shape} are not (rows, r) and (r, columns)")
     key_a, key_b = lora_keys(module)
-    return {key_a: np.ascontiguousarray(b_RxI), key_b: np.ascontiguousarray(a_OxR)}
+    if fan_in_fan_out:
+        return {key_a: np.ascontiguousarray(a.T), key_b: np.ascontiguousarray(b.T)}
+    return {key_a: np.ascontiguousarray(b), key_b: np.ascontiguousarray(a)}
 
 
 def adapter_config(
@@ -57,6 +61,7 @@ def adapter_config(
     base_model_name_or_path: str,
     loftq_settings: dict[str, Any],
     base_model_class: Optional[str] = None,
+    fan_in_fan_out: bool = False,
 ) -> dict[str, Any]:
     """Return the contents of adapter_config.json for a plain LoRA adapter (no DoRA, no rsLoRA).
 
@@ -68,6 +73,8 @@ def adapter_config(
 
     With task_type null, PEFT's AutoPeftModel loads the base model with the transformers class named in
     auto_mapping, so `base_model_class` should be the first of config.json's "architectures".
+    `fan_in_fan_out` marks weights stored (in, out), as GPT-2's Conv1D layers are; PEFT 0.12 sets it per
+    module anyway (true for Conv1D, false for nn.Linear) and warns when the file says otherwise.
     """
     if rank < 1:
         raise ValueError(f"invalid rank {rank}; expected an integer >= 1")
@@ -80,7 +87,7 @@ def adapter_config(
         ),
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "inference_mode": False,
         "init_lora_weights": True,
         "layer_replication": None,
@@ -104,10 +111,29 @@ def adapter_config(
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON with a trailing newline."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, allow_nan=False)
-        handle.write("\n")
+    """Write `data` as indented JSON with a trailing newline, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path`; once the block ends, flush it to disk and rename it to `path`.
+
+    A reader, or a later run after a crash or kill, therefore finds either the whole file or none. If the
+    block raises, the temporary file is removed.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +174,8 @@ class SafetensorsWriter:
 
     `layout` lists (name, safetensors dtype such as "F32" or "BF16", shape, byte size). Each write raises
     ValueError unless it is the next tensor of the layout and has exactly its byte size, and `close` raises
-    ValueError unless every tensor was written.
+    ValueError unless every tensor was written. The file is written under a temporary name and renamed to
+    `path` by a successful `close`, so a file at `path` is always complete.
     """
 
     def __init__(self, path: Path, layout: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict[str, str] | None):
@@ -166,7 +193,8 @@ class SafetensorsWriter:
         # Pad the header with spaces so that the data starts 8-byte aligned, as the safetensors library does.
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
         header_bytes += b" " * (-len(header_bytes) % 8)
-        self._handle = open(self.path, "wb")
+        self._temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._handle = open(self._temporary, "wb")
         self._handle.write(struct.pack("<Q", len(header_bytes)))
         self._handle.write(header_bytes)
 
@@ -206,8 +234,17 @@ class SafetensorsWriter:
             if self._next != len(self._layout):
                 missing = [entry[0] for entry in self._layout[self._next :]]
                 raise ValueError(f"{self.path}: {len(missing)} tensors never written, first {missing[0]!r}")
-        finally:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
             self._handle.close()
+            os.replace(self._temporary, self.path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file and remove it unless `close` already completed it."""
+        self._handle.close()
+        self._temporary.unlink(missing_ok=True)
 
     def _expect(self, name: str) -> int:
         """Return the byte size of tensor `name`, which must be the next one in the layout."""
@@ -223,7 +260,7 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._handle.close()
+            self.abort()
 
 
 _DTYPE_BITS = re.compile(r"(\d+)")
@@ -239,8 +276,8 @@ def dtype_bits(dtype: str) -> int:
 # Output folder that appears complete or not at all
 
 
-def check_output_dir(out_dir: Path, *, overwrite: bool, protected: Sequence[Path] = ()) -> None:
-    """Raise InputError unless `out_dir` may receive output: absent, empty, or non-empty with `overwrite`.
+def check_output_dir(out_dir: Path, *, overwrite: bool, resume: bool = False, protected: Sequence[Path] = ()) -> None:
+    """Raise InputError unless `out_dir` may receive output: absent, empty, or non-empty with `overwrite` or `resume`.
 
     `out_dir` must also not be, or lie inside, any folder of `protected` (such as the input model).
     """
@@ -254,10 +291,10 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, protected: Sequence[Path
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise InputError(
             f"{out_dir}: output folder is not empty; pass --overwrite to replace the files that loftq-jax init "
-            "writes there (other files are kept), or choose another --out"
+            "writes there (other files are kept), --resume to continue an interrupted run there, or choose another --out"
         )
 
 
@@ -265,11 +302,9 @@ def check_output_dir(out_dir: Path, *, overwrite: bool, protected: Sequence[Path
 def staged_output(out_dir: Path, *, last: Sequence[str] = ()) -> Iterator[Path]:
     """Yield an empty staging folder next to `out_dir`, and move its files into `out_dir` when the block ends.
 
-    When `out_dir` does not exist, the staging folder is renamed to it in one step. Otherwise each file is
-    renamed into it, replacing a file of the same name and keeping every other file. The files named in
-    `last` are removed from `out_dir` first and moved in at the end, so that a folder whose `last` files
-    exist is complete. If the block raises, the staging folder is removed and `out_dir` is left as it was.
-    The staging folder is a sibling so that every rename stays on one file system.
+    When `out_dir` does not exist, the staging folder is renamed to it in one step. Otherwise see `publish`.
+    If the block raises, the staging folder is removed and `out_dir` is left as it was. The staging folder
+    is a sibling so that every rename stays on one file system.
     """
     # Resolved, so that "." or a symbolic link still gets a staging folder beside the real output folder.
     out_dir = Path(out_dir).resolve()
@@ -283,7 +318,14 @@ def staged_output(out_dir: Path, *, last: Sequence[str] = ()) -> Iterator[Path]:
 
     try:
         yield staging
-        _publish(staging, out_dir, last)
+        if not out_dir.exists():
+            try:
+                os.rename(staging, out_dir)
+                return
+            except OSError:
+                # Another process created out_dir after the check; merge file by file below.
+                out_dir.mkdir(exist_ok=True)
+        publish(staging, out_dir, last=last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -295,17 +337,24 @@ def current_umask() -> int:
     return mask
 
 
-def _publish(staging: Path, out_dir: Path, last: Sequence[str]) -> None:
-    if not out_dir.exists():
-        try:
-            os.rename(staging, out_dir)
-            return
-        except OSError:
-            # Another process created out_dir after the check; merge file by file below.
-            out_dir.mkdir(exist_ok=True)
+def publish(
+    staging: Path, out_dir: Path, *, last: Sequence[str] = (), whole_folders: Sequence[str] = (), remove: Sequence[str] = ()
+) -> None:
+    """Move the files of `staging` into the existing folder `out_dir`, each with one rename.
 
+    Each file replaces a file of the same name and every other file of `out_dir` is kept. The files named
+    in `last` are removed from `out_dir` first and moved in at the end, so that a folder whose `last` files
+    exist is complete. The folders named in `whole_folders` replace their namesakes as a whole, so that no
+    file of an earlier version stays inside them. The names in `remove` are deleted from `out_dir`.
+    """
     for name in last:
         (out_dir / name).unlink(missing_ok=True)
+    for name in remove:
+        _remove_path(out_dir / name)
+    for name in whole_folders:
+        if (staging / name).is_dir():
+            _replace_folder(staging / name, out_dir / name)
+
     deferred = []
     for source in sorted(staging.rglob("*")):
         relative = source.relative_to(staging)
@@ -318,3 +367,19 @@ def _publish(staging: Path, out_dir: Path, last: Sequence[str]) -> None:
             os.replace(source, target)
     for source, target in deferred:
         os.replace(source, target)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Rename the folder `source` to `target`, moving an existing `target` aside and deleting it after."""
+    aside = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(source, target)
+    _remove_path(aside)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

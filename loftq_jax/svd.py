@@ -8,7 +8,16 @@ from loftq_jax.errors import InputError
 SVD_METHODS = ("exact", "randomized")
 
 def split_singular_values(u_MxR: jax.Array, s_R: jax.Array, vh_RxN: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Return A = U·diag(√S) and B = diag(√S)·Vᴴ, the balanced factors of U·diag(S)·Vᴴ."""
+    """Return A = U·diag(√S) and B = diag(√S)·Vᴴ, the balanced factors of U·diag(S)·Vᴴ.
+
+    Each singular pair is only defined up to a common sign, and which sign LAPACK returns can flip with
+    rounding differences (for example a different vmap batch size). The sign is fixed so that the largest
+    entry in magnitude of each column of U is positive, which makes A and B reproducible, not just A·B.
+    """
+    peak_R = jnp.take_along_axis(u_MxR, jnp.argmax(jnp.abs(u_MxR), axis=0)[None, :], axis=0)[0]
+    sign_R = jnp.where(peak_R < 0, -1.0, 1.0).astype(u_MxR.dtype)
+    u_MxR, vh_RxN = u_MxR * sign_R[None, :], sign_R[:, None] * vh_RxN
+
     root_R = jnp.sqrt(s_R)
     return u_MxR * root_R[None, :], root_R[:, None] * vh_RxN
 

@@ -66,6 +66,20 @@ def test_lora_tensors_swap_factors():
     np.testing.assert_array_equal(lora_b @ lora_a, a_OxR @ b_RxI)
 
 
+def test_lora_tensors_transpose_for_fan_in_fan_out():
+    rng = np.random.default_rng(0)
+    # A Conv1D weight stored (in 5, out 6) and our factors of it in that layout.
+    a_IxR = rng.standard_normal((5, 2)).astype(np.float32)
+    b_RxO = rng.standard_normal((2, 6)).astype(np.float32)
+    tensors = peft_export.lora_tensors("h.0.attn.c_attn", a_IxR, b_RxO, fan_in_fan_out=True)
+    lora_a = tensors["base_model.model.h.0.attn.c_attn.lora_A.weight"]
+    lora_b = tensors["base_model.model.h.0.attn.c_attn.lora_B.weight"]
+    # PEFT's lora_A is (r, in) and lora_B (out, r) for Conv1D too; it adds (lora_B @ lora_A).T to the weight.
+    assert lora_a.shape == (2, 5)
+    assert lora_b.shape == (6, 2)
+    np.testing.assert_allclose((lora_b @ lora_a).T, a_IxR @ b_RxO, rtol=1e-6)
+
+
 def test_lora_tensors_reject_mismatched_rank():
     with pytest.raises(ValueError, match="mlp.fc"):
         peft_export.lora_tensors("mlp.fc", np.zeros((6, 2)), np.zeros((3, 5)))
@@ -103,6 +117,14 @@ def test_adapter_config_auto_mapping_names_model_class():
         rank=4, alpha=4, target_modules=["q"], base_model_name_or_path="m", loftq_settings={}, base_model_class="BertModel"
     )
     assert config["auto_mapping"] == {"base_model_class": "BertModel", "parent_library": "transformers"}
+
+
+def test_adapter_config_fan_in_fan_out():
+    config = peft_export.adapter_config(
+        rank=4, alpha=4, target_modules=["c_attn"], base_model_name_or_path="m", loftq_settings={}, fan_in_fan_out=True
+    )
+    assert config["fan_in_fan_out"] is True
+    assert set(config) == PEFT_0_12_LORA_KEYS
 
 
 def test_adapter_config_keeps_fractional_alpha():
@@ -189,6 +211,20 @@ def test_writer_rejects_out_of_order_tensor(tmp_path):
     with pytest.raises(ValueError, match="out of order; expected 'a'"):
         with peft_export.SafetensorsWriter(tmp_path / "x.safetensors", layout, None) as writer:
             writer.write_array("b", np.zeros(2, np.float32))
+    # A failed write leaves neither the file nor its temporary.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_file_appears_only_when_complete(tmp_path):
+    layout = [("a", "F32", (2,), 8), ("b", "F32", (2,), 8)]
+    path = tmp_path / "x.safetensors"
+    with peft_export.SafetensorsWriter(path, layout, None) as writer:
+        writer.write_array("a", np.zeros(2, np.float32))
+        assert not path.exists()
+        writer.write_array("b", np.ones(2, np.float32))
+    assert [entry.name for entry in tmp_path.iterdir()] == ["x.safetensors"]
+    with safe_open(str(path), "numpy") as handle:
+        np.testing.assert_array_equal(handle.get_tensor("b"), np.ones(2, np.float32))
 
 
 def test_writer_rejects_wrong_byte_size(tmp_path):
@@ -226,6 +262,46 @@ def test_check_output_dir_rejects_non_empty_without_overwrite(tmp_path):
     with pytest.raises(InputError, match="not empty; pass --overwrite"):
         peft_export.check_output_dir(tmp_path / "out", overwrite=False)
     peft_export.check_output_dir(tmp_path / "out", overwrite=True)
+
+
+def test_check_output_dir_accepts_non_empty_with_resume(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".loftq-parts").mkdir()
+    peft_export.check_output_dir(tmp_path / "out", overwrite=False, resume=True)
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with peft_export.atomic_path(path) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["a.json"]
+
+    with peft_export.atomic_path(path) as temporary:
+        assert temporary.parent == tmp_path
+        temporary.write_text("new")
+        assert path.read_text() == "old"
+    assert path.read_text() == "new"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_publish_replaces_whole_folders_and_removes_names(tmp_path):
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    (staging / "packed" / "arrays").mkdir(parents=True)
+    (staging / "packed" / "arrays" / "new.bin").write_text("new")
+    (staging / "adapter_config.json").write_text("new")
+    (out / "packed" / "arrays").mkdir(parents=True)
+    (out / "packed" / "arrays" / "old.bin").write_text("old")
+    (out / "model.safetensors").write_text("stale")
+    (out / "notes.txt").write_text("keep")
+
+    peft_export.publish(staging, out, last=["adapter_config.json"], whole_folders=["packed"], remove=["model.safetensors"])
+    assert sorted(path.name for path in (out / "packed" / "arrays").iterdir()) == ["new.bin"]
+    assert sorted(path.name for path in out.iterdir()) == ["adapter_config.json", "notes.txt", "packed"]
+    assert (out / "adapter_config.json").read_text() == "new"
 
 
 def test_check_output_dir_rejects_file(tmp_path):

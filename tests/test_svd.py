@@ -62,3 +62,18 @@ def test_randomized_within_one_percent_on_minilm(minilm_weights):
 def test_unknown_method_rejected():
     with pytest.raises(InputError, match="unknown SVD method 'lanczos'"):
         svd.low_rank(jnp.ones((4, 4)), 2, "lanczos")
+
+
+def test_split_fixes_sign_of_each_pair():
+    rng = np.random.default_rng(3)
+    u, s, vh = np.linalg.svd(rng.standard_normal((12, 8)).astype(np.float32), full_matrices=False)
+    flip = np.array([1, -1, -1, 1, 1, -1, 1, 1], np.float32)
+
+    a, b = svd.split_singular_values(jnp.asarray(u), jnp.asarray(s), jnp.asarray(vh))
+    a_flipped, b_flipped = svd.split_singular_values(jnp.asarray(u * flip), jnp.asarray(s), jnp.asarray(flip[:, None] * vh))
+
+    np.testing.assert_array_equal(a, a_flipped)
+    np.testing.assert_array_equal(b, b_flipped)
+    peaks = np.take_along_axis(np.asarray(a), np.argmax(np.abs(np.asarray(a)), axis=0)[None, :], axis=0)
+    assert np.all(peaks > 0)
+    np.testing.assert_allclose(np.asarray(a) @ np.asarray(b), (u * s) @ vh, atol=1e-5)
