@@ -330,6 +330,7 @@ def run_parent(args: argparse.Namespace) -> None:
     from loftq_jax import QuantConfig, runtime
 
     allocator_configured = runtime.configure_allocator()
+    blas_threads = runtime.limit_blas_threads()
 
     venv_python = args.venv / "bin" / "python"
     if not venv_python.exists():
@@ -340,6 +341,7 @@ def run_parent(args: argparse.Namespace) -> None:
     results["weight"] = {"shape": list(w.shape), "source": f"i.i.d. normal, std 0.02, numpy default_rng seed {args.seed}"}
     results["settings"] = {"bits": BITS, "rank": RANK, "block_size": BLOCK_SIZE, "steps": args.steps, "exact_steps": args.exact_steps}
     results["allocator_configured"] = allocator_configured
+    results["blas_threads"] = blas_threads
 
     with tempfile.TemporaryDirectory(prefix="bench_peft_loftq_") as tmp:
         work_dir = Path(tmp)

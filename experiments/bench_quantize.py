@@ -344,7 +344,8 @@ def _render_machine(results: dict) -> list[str]:
         f"`python3 experiments/bench_quantize.py` on {machine['date_utc']}: {cpu.get('model name')} "
         f"(family {cpu.get('cpu family')}, model {cpu.get('model')}, {', '.join(cpu['simd'])}), "
         f"{machine['cores_usable']} cores, jax {machine['jax']}, numpy {machine['numpy']}, "
-        f"loftq_jax {machine['loftq_jax_git']}, OPENBLAS_CORETYPE={machine['env']['OPENBLAS_CORETYPE']}. "
+        f"loftq_jax {machine['loftq_jax_git']}, OPENBLAS_CORETYPE={machine['env']['OPENBLAS_CORETYPE']}, "
+        f"LAPACK on {results.get('blas_threads', 'default')} OpenBLAS threads (`loftq_jax.runtime.limit_blas_threads`). "
         f"Load average (1, 5, 15 min) before / after: {results['load_average_before']} / {results['load_average_after']}.",
         "",
         f"Weight: {size[0]} x {size[1]} float32, {results['weight']['source']}.",
@@ -487,6 +488,7 @@ def main(argv=None) -> None:
         print(json.dumps(bench_quantizers(w, args.repeats, allocator_configured=False)))
         return
     allocator_configured = runtime.configure_allocator()
+    blas_threads = runtime.limit_blas_threads()
 
     if args.weight is not None:
         w = np.load(args.weight).astype(np.float32)
@@ -495,7 +497,7 @@ def main(argv=None) -> None:
         w = make_weight((args.size, args.size), args.seed)
         source = f"i.i.d. normal, std {WEIGHT_STD}, numpy default_rng seed {args.seed}"
 
-    results = {"machine": machine_info(), "load_average_before": load_average()}
+    results = {"machine": machine_info(), "load_average_before": load_average(), "blas_threads": blas_threads}
     results["weight"] = {"shape": list(w.shape), "source": source}
     results["repeats"] = {"quantizers": args.repeats, "loftq_randomized": args.loftq_repeats, "loftq_exact": args.exact_repeats}
 

@@ -85,7 +85,7 @@ def time_shape(shape: tuple[int, int], repeats: int) -> dict:
 def run_shapes_child(shapes: list[tuple[int, int]], repeats: int) -> None:
     from loftq_jax import runtime
 
-    runtime.configure_allocator()
+    runtime.configure()
     for shape in shapes:
         print(json.dumps(time_shape(shape, repeats)), flush=True)
 

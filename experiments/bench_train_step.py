@@ -65,7 +65,7 @@ def run_jax_child(settings: dict, name: str) -> dict:
     """Time `settings["timed_steps"]` jitted training steps of one loftq_jax setting."""
     from loftq_jax import runtime
 
-    runtime.configure_allocator()
+    runtime.configure()
     import jax
     import numpy as np
     from flax import nnx

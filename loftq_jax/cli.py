@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # JAX logs backend probing (such as a missing TPU) at INFO; only its warnings concern users.
     logging.getLogger("jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    runtime.configure_allocator()
+    runtime.configure()
     try:
         args.run(args)
     except InputError as error:

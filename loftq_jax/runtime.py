@@ -1,4 +1,4 @@
-"""Process settings that make JAX on CPU faster for weight-sized arrays.
+"""Process settings that make JAX on CPU faster for weight-sized arrays: the allocator and LAPACK's threads.
 
 jaxlib's CPU client allocates each output buffer with malloc from its worker threads. glibc serves a request
 above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps it on free, and a worker thread's arena
@@ -22,6 +22,13 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 DISABLE_ENV = "LOFTQ_JAX_DEFAULT_MALLOC"
+BLAS_THREADS_ENV = "LOFTQ_JAX_BLAS_THREADS"
+
+
+def configure() -> None:
+    """Apply `configure_allocator` and `limit_blas_threads`; the `loftq-jax` command calls it first."""
+    configure_allocator()
+    limit_blas_threads()
 
 
 def configure_allocator() -> bool:
@@ -47,3 +54,25 @@ def configure_allocator() -> bool:
     if not applied:
         logger.warning("glibc rejected the allocator settings; large JAX buffers may page-fault on every call")
     return applied
+
+
+def limit_blas_threads(threads: int | None = None) -> int:
+    """Run the OpenBLAS that JAX's CPU LAPACK calls (QR, SVD, eigh) use on `threads` threads (default 1).
+
+    jaxlib calls LAPACK through SciPy's OpenBLAS, whose threads spin while they wait for each other. When
+    another process takes one of the cores, a LoftQ call of a (4096, 4096) weight slowed from 1.2 s to 12 s
+    or more with 2 threads, and stayed at 1.2 s with 1 (measured with jax 0.10.2 and OpenBLAS 0.3.30 on 2
+    cores). JAX's own matmuls run on XLA's thread pool and keep every core. An exact SVD of a large weight
+    is the one case that loses speed on an idle machine. The environment variable LOFTQ_JAX_BLAS_THREADS
+    overrides the default.
+
+    Returns:
+      The thread count applied.
+    """
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK kernels call)
+    from threadpoolctl import threadpool_limits
+
+    if threads is None:
+        threads = int(os.environ.get(BLAS_THREADS_ENV, "1"))
+    threadpool_limits(threads, user_api="blas")
+    return threads

@@ -64,3 +64,15 @@ def test_disable_variable_keeps_defaults():
 
     assert disabled["configured"] is False
     assert disabled["faults_per_call"] > PAGES_PER_OUTPUT / 2
+
+
+def test_limit_blas_threads_sets_openblas():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=None):
+        applied = runtime.limit_blas_threads(1)
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+        assert applied == 1
+        assert blas, "no BLAS library found after loading SciPy's LAPACK"
+        assert all(pool["num_threads"] == 1 for pool in blas)
