@@ -48,3 +48,15 @@ def count_compiles():
             logger.setLevel(previous_level)
 
     return counting
+
+
+@pytest.fixture(scope="module")
+def private_cache_home(tmp_path_factory):
+    """Keep the default compilation cache of `loftq-jax init` runs in a test folder, not in the user's home.
+
+    Module scope, so that a test module can apply it to its module-scoped conversions too.
+    """
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        yield

@@ -21,15 +21,8 @@ OUTPUTS = ("model.safetensors", "adapter_model.safetensors", "adapter_config.jso
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_cache_home(tmp_path_factory):
-    """Keep the default compilation cache of every run in a test folder, not in the user's home.
-
-    Module scope, so that it applies to the module-scoped conversions too.
-    """
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
-        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-        yield
+def _private_cache_home(private_cache_home):
+    yield
 
 
 def _model_tensors(seed: int = 0) -> dict[str, np.ndarray]:

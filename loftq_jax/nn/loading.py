@@ -1,6 +1,5 @@
 """Filling NNX models from Hugging Face model folders: config.json, safetensors weights and the tokenizer."""
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -9,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from loftq_jax import architectures
 from loftq_jax.checkpoint import Checkpoint
 from loftq_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = architectures.CONFIG_FILE
 TOKENIZER_FILE = "tokenizer.json"
 
 # Maps a parameter's path in the model ("encoder.layer.0.attention.self.query.weight") to its tensor name in
@@ -23,17 +23,10 @@ NameMap = Callable[[str], Optional[str]]
 
 
 def read_config(model_dir: str | Path) -> dict:
-    """Return the parsed config.json of a Hugging Face model folder."""
-    path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
+    """Return the parsed config.json of a Hugging Face model folder, which must have one."""
+    if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise InputError(f"{model_dir}: {CONFIG_FILE} not found; expected a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return architectures.read_model_config(model_dir)
 
 
 def config_value(config: dict, key: str, kind: type, default=None, *, source: str = CONFIG_FILE):
