@@ -244,6 +244,22 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _whole_run_estimate(results: dict) -> list[str]:
+    """Return a table row estimating a whole 7B init: the projection times the 1.1B run's measured/projected ratio.
+
+    The ratio carries over the time of reading and writing the checkpoint, which the projection leaves out.
+    """
+    init = results.get("init")
+    if not init:
+        return []
+    ratio = init["wall_s"] / results["projection_1_1b"]["total_s"]
+    estimate = results["projection_7b"]["total_s"] * ratio
+    return [
+        f"| Estimated `loftq-jax init` of a LLaMA-2-7B-shaped checkpoint, reading and writing included "
+        f"| {_minutes(estimate)} (projection x {ratio:.2f}, the 1.1B run's measured / projected time) |"
+    ]
+
+
 def render_summary(results: dict) -> str:
     """Return the scale summary for the top-level README: the 1.1B run and the 7B projection."""
     projection = results["projection_7b"]
@@ -260,6 +276,17 @@ def render_summary(results: dict) -> str:
         f"| LoftQ on one {largest['shape'][0]} x {largest['shape'][1]} weight, warm | {largest['warm_median_s']:.1f} s |",
         f"| Projected LoftQ time for LLaMA-2-7B's 224 target weights | {_minutes(projection['total_s'])} "
         f"({projection['compile_share']:.1%} compilation) |",
+        *_whole_run_estimate(results),
+        "",
+        "LLaMA-2-7B projection, one compile per shape plus the count times the warm time of one weight:",
+        "",
+        "| shape | weights | compile | warm call | total |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {row['shape'][0]} x {row['shape'][1]} | {row['count']} | {row['compile_s']:.2f} s "
+            f"| {row['warm_s']:.2f} s | {_minutes(row['total_s'])} |"
+            for row in projection["rows"]
+        ),
         "",
         f"{BITS} bits NF, r = {RANK}, T = {STEPS}, randomized SVD, on {results['machine']['cores_usable']} cores. "
         f"Measured by `python3 experiments/bench_scale.py` ({results['machine']['date_utc']}); the full page, "
@@ -275,6 +302,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-args", default="", help="extra arguments for loftq-jax init, in one string")
     parser.add_argument("--work-dir", type=Path, help="where the generated checkpoint goes (default: a temporary folder)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where scale.json and README.md go")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the pages from the existing scale.json")
     parser.add_argument("--shapes-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("dims", nargs="*", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -284,6 +312,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.shapes_child:
         run_shapes_child(list(zip(args.dims[::2], args.dims[1::2])), args.repeats)
+        return
+
+    if args.render_only:
+        write_pages(json.loads((args.out_dir / "scale.json").read_text()), args.out_dir)
         return
 
     results = {"machine": machine_info(), "load_average_before": load_average()}
@@ -308,12 +340,17 @@ def main(argv=None) -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    readme = write_readme_section(args.out_dir, "scale", render_markdown(results))
-    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
+    write_pages(results, args.out_dir)
+
+
+def write_pages(results: dict, out_dir: Path) -> None:
+    """Write the scale section of out_dir/README.md and, for the default folder, the top-level README's summary."""
+    readme = write_readme_section(out_dir, "scale", render_markdown(results))
+    if out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
         from readme_summary import replace_block
 
         replace_block(REPO_ROOT / "README.md", "scale summary", render_summary(results))
-    print(f"wrote {args.out_dir / 'scale.json'} and {readme}")
+    print(f"wrote {readme}")
 
 
 if __name__ == "__main__":
