@@ -503,7 +503,12 @@ class _Run:
 
     def resume(self) -> None:
         """Load the newest checkpoint, if any, and drop the metrics logged after it."""
-        if self.manager is None or self.manager.latest_step() is None:
+        if self.manager is None:
+            return
+        if self.manager.latest_step() is None:
+            # A run killed before its first checkpoint starts again from step 0, so the steps it logged go.
+            if self.metrics_path.exists():
+                _rewind_metrics(self.metrics_path, 0)
             return
         self.resumed_from = self.manager.latest_step()
         self.params, self.opt_state, progress = _restore_checkpoint(

@@ -92,8 +92,13 @@ class L4QLinear(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         return linear.L4QParams(self.base[...], self.a[...], self.b[...], self.scale[...], self.offset[...], bias)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the layer to x (..., in), such as (batch, length, in), and return y (..., out)."""
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Apply the layer to x (..., in), such as (batch, length, in), and return y (..., out).
+
+        `deterministic` is accepted so that this layer can replace a `loftq_jax.nn.Linear` in a model that
+        passes it. L4Q has no LoRA dropout, so it changes nothing.
+        """
+        del deterministic
         if self.warmup:
             return linear.warmup_linear(x, self.params, self.config)
         if self.custom_backward:
