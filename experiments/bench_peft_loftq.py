@@ -326,7 +326,7 @@ def _time_jax_svd(w: np.ndarray) -> float:
 
 def run_parent(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_quantize import load_average, machine_info, make_weight, relative_error_f64, write_readme_section
+    from bench_quantize import load_average, machine_info, make_weight, relative_error_f64, write_results
     from loftq_jax import QuantConfig, runtime
 
     allocator_configured = runtime.configure_allocator()
@@ -369,14 +369,7 @@ def run_parent(args: argparse.Namespace) -> None:
     results["codebook_max_difference"] = float(np.max(np.abs(np.asarray(peft["nf4_codebook"]) - ours_codebook)))
     results["load_average_after"] = load_average()
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "peft_loftq.json").write_text(json.dumps(results, indent=2) + "\n")
-    readme = write_readme_section(args.out_dir, "peft_loftq", render_markdown(results))
-    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
-        from readme_summary import update_readme
-
-        update_readme()
-    print(f"wrote {args.out_dir / 'peft_loftq.json'} and {readme}")
+    write_results(args.out_dir, "peft_loftq", results, render_markdown(results))
 
 
 def positive_int(text: str) -> int:

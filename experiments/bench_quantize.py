@@ -165,6 +165,21 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def write_results(out_dir: Path, key: str, results: dict, markdown: str) -> None:
+    """Write out_dir/KEY.json and the KEY section of out_dir/README.md, then the top-level speed summary.
+
+    The summary is rewritten only for the default folder, so a run elsewhere leaves the README alone.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{key}.json").write_text(json.dumps(results, indent=2) + "\n")
+    readme = write_readme_section(out_dir, key, markdown)
+    if out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
+        from readme_summary import update_readme
+
+        update_readme()
+    print(f"wrote {out_dir / f'{key}.json'} and {readme}")
+
+
 def write_readme_section(out_dir: Path, key: str, markdown: str) -> Path:
     """Replace the section `key` of out_dir/README.md with `markdown`, keeping the other sections.
 
@@ -529,14 +544,7 @@ def main(argv=None) -> None:
     results["memory_8bit"] = bench_memory_8bit(w.shape[0], args.seed) if args.weight is None else None
     results["load_average_after"] = load_average()
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "quantize.json").write_text(json.dumps(results, indent=2) + "\n")
-    readme = write_readme_section(args.out_dir, "quantize", render_markdown(results))
-    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
-        from readme_summary import update_readme
-
-        update_readme()
-    print(f"wrote {args.out_dir / 'quantize.json'} and {readme}")
+    write_results(args.out_dir, "quantize", results, render_markdown(results))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import load_average, machine_info, write_readme_section  # noqa: E402
+from bench_quantize import load_average, machine_info, write_results  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO_ROOT / ".bench-venv"
@@ -205,14 +205,7 @@ def main(argv=None) -> None:
     for name, rate in results["samples_per_s"].items():
         print(f"  {name}: {rate:.1f} samples/s", flush=True)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "train_step.json").write_text(json.dumps(results, indent=2) + "\n")
-    readme = write_readme_section(args.out_dir, "train_step", render_markdown(results))
-    if args.out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
-        from readme_summary import update_readme
-
-        update_readme()
-    print(f"wrote {args.out_dir / 'train_step.json'} and {readme}")
+    write_results(args.out_dir, "train_step", results, render_markdown(results))
 
 
 if __name__ == "__main__":

@@ -59,10 +59,9 @@ def configure_allocator() -> bool:
 def limit_blas_threads(threads: int | None = None) -> int:
     """Run the OpenBLAS that JAX's CPU LAPACK calls (QR, SVD, eigh) use on `threads` threads (default 1).
 
-    jaxlib calls LAPACK through SciPy's OpenBLAS, whose threads spin while they wait for each other. When
-    another process takes one of the cores, a LoftQ call of a (4096, 4096) weight slowed from 1.2 s to 12 s
-    or more with 2 threads, and stayed at 1.2 s with 1 (measured with jax 0.10.2 and OpenBLAS 0.3.30 on 2
-    cores). JAX's own matmuls run on XLA's thread pool and keep every core. An exact SVD of a large weight
+    jaxlib calls LAPACK through SciPy's OpenBLAS, whose threads spin while they wait for each other. With
+    another process on one of 2 cores, a LoftQ call of a (4096, 4096) weight took 12 s or more on 2 threads
+    and 1.2 s on 1 (measured with jax 0.10.2 and OpenBLAS 0.3.30). JAX's own matmuls run on XLA's thread pool and keep every core. An exact SVD of a large weight
     is the one case that loses speed on an idle machine. The environment variable LOFTQ_JAX_BLAS_THREADS
     overrides the default.
 

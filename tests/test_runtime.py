@@ -10,7 +10,7 @@ import pytest
 from loftq_jax import runtime
 
 # Prints the median minor page faults of one call of a jitted multiply over a (4096, 4096) float32 array.
-# The heap needs a few calls to grow to its working size, so the first ten calls are not counted.
+# The heap needs a few calls to grow to its working size, so the first thirty calls are not counted.
 FAULT_PROBE = """
 import json, resource, statistics, sys
 from loftq_jax import runtime
@@ -18,7 +18,7 @@ configured = runtime.configure_allocator() if sys.argv[1] == "configure" else Fa
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 4096), jnp.float32)
 scale = jax.jit(lambda x: x * 1.5)
-for _ in range(10):
+for _ in range(30):
     scale(x).block_until_ready()
 faults = []
 for _ in range(10):

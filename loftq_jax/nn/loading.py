@@ -96,7 +96,7 @@ def load_tokenizer(model_dir: str | Path, *, max_length: int = 256, pad_length: 
     Batches are padded to their longest sequence, or to `pad_length` tokens when it is given, because fixed
     shapes avoid one compilation per length under `jax.jit`. The pad token is taken from tokenizer.json's
     own padding settings, else "[PAD]". The default max_length of 256 is where all-MiniLM-L6-v2's model
-    card (README.md of its folder) says input is truncated.
+    card (README.md of its folder) states that input is truncated.
     """
     from tokenizers import Tokenizer
 
