@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     runtime.configure()
     try:
-        args.run(args)
+        with runtime.remember_interrupts():
+            args.run(args)
     except InputError as error:
         print(f"loftq-jax {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import numpy as np
 
 from loftq_jax import architectures
 from loftq_jax import checkpoint as checkpoint_lib
-from loftq_jax import execution, init_outputs, peft_export
+from loftq_jax import execution, init_outputs, peft_export, runtime
 from loftq_jax.errors import InputError
 from loftq_jax.loftq import LoftQConfig
 from loftq_jax.work_folder import WorkFolder, changed_setting
@@ -515,6 +515,7 @@ def initialize(
     done = _finished_chunks(work, chunks)
     run_info = _run_chunks(checkpoint, weights, groups, chunks, done, runner, config, work, backbone, on_progress)
     execution.barrier("loftq-jax init: parts written")
+    runtime.raise_if_interrupted()
 
     report = None
     if jax.process_index() == 0:
@@ -696,6 +697,7 @@ def _run_chunks(checkpoint, weights, groups, chunks, done, runner, config, work,
         group_started = time.perf_counter()
         compile_seconds = runner.compile(group.shape, dtype, pending[0].length)
         for chunk in pending:
+            runtime.raise_if_interrupted()
             entries = _run_chunk(checkpoint, weights, chunk, group, dtype, runner, config, work, backbone)
             weights_done += len(chunk.indices)
             parameters_done += sum(parameters[index] for index in chunk.indices)
@@ -737,6 +739,7 @@ def _run_chunk(checkpoint, weights, chunk, group, dtype, runner, config, work, b
     for row, result in rows.items():
         target = chunk_weights[row]
         tensors, entry = _part(target, result, config, backbone, seconds)
+        runtime.raise_if_interrupted()
         work.write_part(target.index, tensors, entry)
         entries.append(entry)
         logger.debug("%s: QLoRA error %.5f, after each step %s", target.name, entry["qlora_error"], entry["step_errors"])

@@ -1,4 +1,5 @@
-"""Process settings that make JAX on CPU faster for weight-sized arrays: the allocator and LAPACK's threads.
+"""Process settings: the allocator and LAPACK's threads, which make JAX on CPU faster for weight-sized arrays,
+and Ctrl-C handling that no garbage-collection callback can drop.
 
 jaxlib's CPU client allocates each output buffer with malloc from its worker threads. glibc serves a request
 above its mmap threshold (32 MiB at most) with a fresh mmap and unmaps it on free, and a worker thread's arena
@@ -8,11 +9,14 @@ weight is new memory that the kernel fills page by page: 16384 page faults, abou
 main heap and never trimming it lets freed buffers be reused.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ _M_ARENA_MAX = -8
 
 DISABLE_ENV = "LOFTQ_JAX_DEFAULT_MALLOC"
 BLAS_THREADS_ENV = "LOFTQ_JAX_BLAS_THREADS"
+
+_interrupted = threading.Event()
 
 
 def configure() -> None:
@@ -75,3 +81,30 @@ def limit_blas_threads(threads: int | None = None) -> int:
         threads = int(os.environ.get(BLAS_THREADS_ENV, "1"))
     threadpool_limits(threads, user_api="blas")
     return threads
+
+
+def _on_interrupt(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def remember_interrupts():
+    """Within the block, Ctrl-C raises KeyboardInterrupt as usual and is also remembered for `raise_if_interrupted`.
+
+    Python prints and drops an exception raised inside a garbage-collection callback, and jaxlib runs one after
+    each collection, so a Ctrl-C that lands there would otherwise be lost. Call it from the main thread.
+    """
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came within `remember_interrupts`, even if that first one was dropped."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt

@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from loftq_jax import data, plots
+from loftq_jax import data, plots, runtime
 from loftq_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -643,6 +643,7 @@ def train(
                 train_split.lengths_N, batch_size=config.batch_size, buckets=config.buckets, seed=config.seed, epoch=epoch
             )
             for plan in plans[start : start + run.last_step - run.step]:
+                runtime.raise_if_interrupted()
                 record = run.run_step(plan, epoch)
                 if config.eval_every and run.step % config.eval_every == 0:
                     run.evaluate_dev()

@@ -144,7 +144,7 @@ def test_quick_run_page_and_plots(quick):
         assert f"| {setting.label} | {BITS_PER_WEIGHT[setting.name]:.2f} | {100 * accuracy:.1f} |" in page
     difference = results["comparisons"]["loftq_minus_qlora"]["2"]["accuracy"]["mean"]
     assert f"LoftQ − QLoRA at 2 bits: {100 * difference:+.1f} points test accuracy (mean over 1 paired seed" in page
-    assert "The learning rate 0.001 was not chosen on dev: no tuning.json exists." in page
+    assert f"The learning rate {experiment.DEFAULT_LEARNING_RATE:g} was not chosen on dev: no tuning.json exists." in page
     assert "| L4Q, 2 bits | autodiff |" in page
 
     for name in ("loss.png", "dev_accuracy.png"):

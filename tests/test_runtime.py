@@ -1,9 +1,12 @@
-"""Tests of loftq_jax.runtime: the allocator settings stop per-call page faults of large JAX outputs."""
+"""Tests of loftq_jax.runtime: the allocator settings stop per-call page faults of large JAX outputs, and a
+dropped Ctrl-C is raised again."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +79,29 @@ def test_limit_blas_threads_sets_openblas():
         assert applied == 1
         assert blas, "no BLAS library found after loading SciPy's LAPACK"
         assert all(pool["num_threads"] == 1 for pool in blas)
+
+
+def _swallow_interrupt() -> None:
+    """Deliver Ctrl-C to this process and drop the KeyboardInterrupt, as Python does inside a gc callback."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        return
+    raise AssertionError("SIGINT did not raise KeyboardInterrupt within 1 s")
+
+
+def test_dropped_interrupt_is_raised_again():
+    with runtime.remember_interrupts():
+        runtime.raise_if_interrupted()
+        _swallow_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            runtime.raise_if_interrupted()
+
+
+def test_remembered_interrupt_ends_with_the_block():
+    default = signal.getsignal(signal.SIGINT)
+    with runtime.remember_interrupts():
+        _swallow_interrupt()
+    assert signal.getsignal(signal.SIGINT) is default
+    runtime.raise_if_interrupted()
