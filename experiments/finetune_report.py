@@ -92,6 +92,10 @@ def curves_from_metrics(path: str | Path) -> dict[str, list]:
 # Aggregation
 
 
+def _median_of(runs: Sequence[dict], key: str) -> float:
+    return statistics.median([run[key] for run in runs if run.get(key) is not None] or [math.nan])
+
+
 def summarize_setting(runs: Sequence[dict]) -> dict[str, Any]:
     """Return the statistics over the seeds of one setting."""
     summary = {
@@ -101,9 +105,11 @@ def summarize_setting(runs: Sequence[dict]) -> dict[str, Any]:
         "dev_accuracy": mean_std([run["dev"]["accuracy"] for run in runs]),
         "dev_macro_f1": mean_std([run["dev"]["macro_f1"] for run in runs]),
         "init_error": mean_std([run["init_error"] for run in runs]),
-        # Medians of the per-run medians: a burst of load from other processes moves one run's median,
-        # and the median over seeds ignores one such run.
-        "median_step_s": statistics.median([run["median_step_s"] for run in runs if run["median_step_s"] is not None] or [math.nan]),
+        # Each run's mean covers the same batches in every setting, since the data order depends on the seed
+        # alone; a median of a mix of bucket lengths jumps between them. The median over seeds ignores one run
+        # slowed by a burst of load from other processes.
+        "mean_step_s": _median_of(runs, "mean_step_s"),
+        "median_step_s": _median_of(runs, "median_step_s"),
         "peak_rss_train_bytes": max(run["peak_rss_train_bytes"] for run in runs),
         "peak_rss_bytes": max(run["peak_rss_bytes"] for run in runs),
         "weights": runs[0]["weights"],
@@ -252,7 +258,7 @@ def results_table(results: dict) -> list[str]:
         lines.append(
             f"| {setting['label']} | {weights['base_bits_per_weight']:.2f} | {_mean_std_text(summary['test_accuracy'])} | "
             f"{_mean_std_text(summary['test_macro_f1'])} | {_mean_std_text(summary['dev_accuracy'])} | "
-            f"{summary['init_error']['mean']:.4f} | {_seconds(summary['median_step_s'])} | "
+            f"{summary['init_error']['mean']:.4f} | {_seconds(summary['mean_step_s'])} | "
             f"{_mib(summary['peak_rss_train_bytes'])}{resumed} | {_mib(summary.get('xla_memory', {}).get('temp_bytes'))} | "
             f"{_mib(weights['training_base_bytes'])} | "
             f"{_mib(weights['inference_bytes'])} |"
@@ -337,7 +343,7 @@ def readme_block(results: dict, *, page: str = "results/finetune/README.md") -> 
         weights = summary["weights"]
         lines.append(
             f"| {setting['label']} | {_mean_std_text(summary['test_accuracy'])} | {_mean_std_text(summary['test_macro_f1'])} | "
-            f"{_seconds(summary['median_step_s'])} | {_mib(weights['training_base_bytes'])} | {_mib(weights['inference_bytes'])} |"
+            f"{_seconds(summary['mean_step_s'])} | {_mib(weights['training_base_bytes'])} | {_mib(weights['inference_bytes'])} |"
         )
     lines += ["", *claim_lines(results), "", learning_rate_note(results), "", f"Measured by `{results['command']}` ({results['machine']['date_utc']})."]
     return "\n".join(lines) + "\n"
@@ -473,8 +479,8 @@ def render_page(results: dict) -> str:
         "",
         "Accuracy and macro-F1 in percent, mean ± sample standard deviation over seeds. *Initial error* is the mean "
         "over the 36 target weights of ||W − W_start||_F / ||W||_F, with W_start the weight the layer computes with "
-        "at step 0. *s / step* is the median over seeds of each run's median step time, leaving out the first step "
-        "at each bucket length (compilation). *Peak RSS* is the process's maximum resident set size at the end of "
+        "at step 0. *s / step* is the median over seeds of each run's mean step time, leaving out the first step "
+        "at each bucket length (compilation); with a given seed every setting trains on the same batches. *Peak RSS* is the process's maximum resident set size at the end of "
         "training, the largest over seeds; each run is a fresh process, so it covers one setting, including XLA "
         "compilation and the data. Seeds after the first load the compiled train step from JAX's persistent "
         "compilation cache, so the first seed usually sets the maximum. *XLA temporaries* is the temporary buffer "

@@ -266,3 +266,19 @@ def test_hyper_key_changes_with_learning_rate():
     assert base.key() != experiment.Hyper(learning_rate=3e-4).key()
     spec = experiment.RunSpec("train", "l4q2", 1, "run", "data.npz", base, 300, custom_vjp=False)
     assert experiment.RunSpec.from_json(spec.to_json()) == spec
+
+
+def _run_record(seed: int, mean_step_s: float, median_step_s: float) -> dict:
+    metrics = {"accuracy": 0.7, "macro_f1": 0.6}
+    return {
+        "seed": seed, "test": metrics, "dev": metrics, "init_error": 0.1, "mean_step_s": mean_step_s,
+        "median_step_s": median_step_s, "peak_rss_train_bytes": 2**30, "peak_rss_bytes": 2**30,
+        "weights": {}, "trainable_parameters": 10,
+    }  # fmt: skip
+
+
+def test_step_time_is_median_of_run_means():
+    runs = [_run_record(0, 0.30, 0.24), _run_record(1, 0.32, 0.35), _run_record(2, 0.90, 0.36)]
+    summary = report.summarize_setting(runs)
+    assert summary["mean_step_s"] == pytest.approx(0.32)
+    assert summary["median_step_s"] == pytest.approx(0.35)
