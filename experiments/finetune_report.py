@@ -319,8 +319,27 @@ def learning_rate_note(results: dict) -> str:
         f"at each learning rate in ({grid}) and chose {chosen:g}, the highest mean dev accuracy over those settings"
     )
     if math.isclose(chosen, rate):
-        return f"Learning rate {rate:g}: {source}."
-    return f"Learning rate {rate:g}, which differs from the tuned value: {source}."
+        note = f"Learning rate {rate:g}: {source}."
+    else:
+        note = f"Learning rate {rate:g}, which differs from the tuned value: {source}."
+    return " ".join(filter(None, [note, quantizer_note(results)]))
+
+
+def quantizer_note(results: dict) -> str:
+    """Return where L4Q's quantizer learning-rate ratio came from, or "" without an L4Q setting."""
+    if not any(setting["method"] == "l4q" for setting in results["settings"].values()):
+        return ""
+    ratio = results["hyperparameters"].get("quantizer_lr_ratio", 1.0)
+    sweep = (results.get("tuning") or {}).get("quantizer")
+    if not sweep:
+        return f"L4Q's quantizer scales and offsets learn at {ratio:g} times that rate, a value not chosen on dev."
+    grid = ", ".join(f"{value:g}" for value in sweep["grid"])
+    source = (
+        f"`--tune-quantizer` ({sweep['date_utc']}) trained {', '.join(sweep['settings'])} with seed 0 at learning rate "
+        f"{sweep['learning_rate']:g} and each ratio in ({grid}), and chose {sweep['chosen_ratio']:g}"
+    )
+    agreement = "" if math.isclose(sweep["chosen_ratio"], ratio) else ", which differs from the value used"
+    return f"L4Q's quantizer scales and offsets learn at {ratio:g} times that rate{agreement}: {source}."
 
 
 def readme_block(results: dict, *, page: str = "results/finetune/README.md") -> str:

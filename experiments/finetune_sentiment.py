@@ -4,6 +4,7 @@ Run from the repository root:
 
     python3 experiments/finetune_sentiment.py                  # 7 settings x 3 seeds: results/finetune/, README block
     python3 experiments/finetune_sentiment.py --tune           # learning-rate sweep on dev: results/finetune/tuning.json
+    python3 experiments/finetune_sentiment.py --tune-quantizer # L4Q's quantizer learning-rate ratio on dev: tuning.json
     python3 experiments/finetune_sentiment.py --quick --out D  # smoke run: a few hundred tweets, 1 seed, into D
     python3 experiments/finetune_sentiment.py --report         # rewrite the pages from results/finetune/results.json
 
@@ -58,6 +59,9 @@ DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_STEPS = 300
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_TUNE_GRID = (3e-4, 1e-3, 3e-3)
+# The choice of `--tune-quantizer` (tuning.json): L4Q's quantizer learning rate relative to the others.
+DEFAULT_QUANTIZER_LR_RATIO = 1.0
+DEFAULT_QUANTIZER_GRID = (0.01, 0.1, 1.0)
 # The tuning sweep trains the unquantized reference and the 2-bit settings, where the methods differ most,
 # to keep it near the length of the full run.
 DEFAULT_TUNE_SETTINGS = ("lora16", "qlora2", "loftq2", "l4q2")
@@ -115,12 +119,20 @@ class Hyper:
     block_size: int = 64
     loftq_steps: int = 5
     svd: str = "randomized"
-    # L4Q quantizer: loftq_jax.l4q.L4QConfig's default group size.
+    # L4Q quantizer: loftq_jax.l4q.L4QConfig's default group size, and the learning rate of its scales and
+    # offsets relative to learning_rate (loftq_jax.training.TrainConfig.quantizer_lr_ratio).
     group_size: int = 128
+    quantizer_lr_ratio: float = DEFAULT_QUANTIZER_LR_RATIO
 
-    def key(self) -> str:
-        """Return a short hash of the settings; runs with other settings live in other folders."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+    def key(self, method: str) -> str:
+        """Return a short hash of the settings that runs of `method` read; other settings live in other folders.
+
+        Only L4Q has quantizer parameters, so only L4Q folders depend on quantizer_lr_ratio.
+        """
+        values = dataclasses.asdict(self)
+        if method != "l4q":
+            del values["quantizer_lr_ratio"]
+        return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # A quick run cuts the budget, the tweet length and the bucket lengths: compiling the train step (about 12 s
@@ -432,6 +444,7 @@ def _train_config(spec: RunSpec, train_split):
         warmup_fraction=hyper.warmup_fraction,
         decay=hyper.decay,
         clip_norm=hyper.clip_norm,
+        quantizer_lr_ratio=hyper.quantizer_lr_ratio,
         batch_size=hyper.batch_size,
         max_steps=spec.steps,
         buckets=hyper.buckets,
@@ -488,7 +501,7 @@ def run_worker(spec: RunSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "kind": spec.kind,
         "backward": _backward_name(spec),
-        "hyper_key": hyper.key(),
+        "hyper_key": hyper.key(setting.method),
         "convert_seconds": convert_seconds,
         "init_error": initial_error(model, originals),
         "weights": weight_memory(model),
@@ -717,48 +730,63 @@ def _display_path(path: Path) -> str:
 def choose_learning_rate(accuracy: dict[str, dict[str, float]]) -> tuple[float, dict[str, float]]:
     """Return the learning rate with the highest mean dev accuracy over settings, and the mean of each.
 
-    `accuracy` maps a learning rate, written as text, to each setting's dev accuracy. Ties go to the
-    smaller learning rate, which is less likely to diverge in a longer run.
+    `accuracy` maps a learning rate (or a quantizer learning-rate ratio), written as text, to each setting's
+    dev accuracy. Ties go to the smaller value, which is less likely to diverge in a longer run.
     """
     means = {rate: statistics.fmean(by_setting.values()) for rate, by_setting in accuracy.items()}
     chosen = max(means, key=lambda rate: (means[rate], -float(rate)))
     return float(chosen), means
 
 
-def run_tuning(args, hyper: Hyper, data_path: Path, work_dir: Path, out_dir: Path, settings: Sequence[str]) -> dict:
-    """Train each setting with seed 0 at each learning rate of the grid and pick the best by mean dev accuracy.
+# What each tuning mode sweeps: the Hyper field, its grid argument, its name in messages and its constant.
+TUNED_FIELDS = {
+    "tune": ("learning_rate", "tune_grid", "learning rate", "DEFAULT_LEARNING_RATE"),
+    "tune_quantizer": ("quantizer_lr_ratio", "quantizer_grid", "quantizer learning-rate ratio", "DEFAULT_QUANTIZER_LR_RATIO"),
+}
 
-    The test split is never evaluated here. Ties go to the smaller learning rate.
+
+def run_tuning(args, mode: str, hyper: Hyper, data_path: Path, work_dir: Path, out_dir: Path, settings: Sequence[str]) -> dict:
+    """Train each setting with seed 0 at each value of the mode's grid and pick the best by mean dev accuracy.
+
+    The test split is never evaluated here. Ties go to the smaller value. The choice is written to
+    tuning.json: the learning rate at its top level, the quantizer ratio under "quantizer".
     """
+    field, grid_argument, label, constant = TUNED_FIELDS[mode]
+    grid = getattr(args, grid_argument)
     accuracy: dict[str, dict[str, float]] = {}
-    for rate in args.tune_grid:
-        tuned = dataclasses.replace(hyper, learning_rate=rate)
-        accuracy[f"{rate:g}"] = {}
+    for value in grid:
+        tuned = dataclasses.replace(hyper, **{field: value})
+        accuracy[f"{value:g}"] = {}
         for name in settings:
-            run_dir = work_dir / "tune" / tuned.key() / name / "seed0"
+            run_dir = work_dir / "tune" / tuned.key(SETTINGS[name].method) / name / "seed0"
             spec = RunSpec("tune", name, 0, str(run_dir), str(data_path), tuned, tuned.steps, cache_dir=str(work_dir / "xla_cache"))
             result = launch(spec)
             if result is None:
-                raise SystemExit(f"tuning run {name} at learning rate {rate:g} failed; rerun the same command to resume")
+                raise SystemExit(f"tuning run {name} at {label} {value:g} failed; rerun the same command to resume")
             log_run(result)
-            accuracy[f"{rate:g}"][name] = result["dev"]["accuracy"]
+            accuracy[f"{value:g}"][name] = result["dev"]["accuracy"]
 
     chosen, means = choose_learning_rate(accuracy)
-    tuning = {
+    sweep = {
         "date_utc": machine_info()["date_utc"],
-        "grid": list(args.tune_grid),
+        "grid": list(grid),
         "settings": list(settings),
         "steps": hyper.steps,
         "seed": 0,
         "dev_accuracy": accuracy,
         "mean_dev_accuracy": means,
-        "chosen_learning_rate": chosen,
     }
+    path = out_dir / "tuning.json"
+    tuning = json.loads(path.read_text()) if path.is_file() else {}
+    if mode == "tune":
+        tuning.update(sweep, chosen_learning_rate=chosen)
+    else:
+        tuning["quantizer"] = {**sweep, "learning_rate": hyper.learning_rate, "chosen_ratio": chosen}
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_json(out_dir / "tuning.json", tuning)
-    for rate, mean in means.items():
-        logger.info("learning rate %s: mean dev accuracy %.4f over %s", rate, mean, ", ".join(settings))
-    logger.info("chose %g; set DEFAULT_LEARNING_RATE = %g in %s and rerun without --tune", chosen, chosen, SCRIPT)
+    report.write_json(path, tuning)
+    for value, mean in means.items():
+        logger.info("%s %s: mean dev accuracy %.4f over %s", label, value, mean, ", ".join(settings))
+    logger.info("chose %g; set %s = %g in %s and rerun the comparison", chosen, constant, chosen, SCRIPT)
     return tuning
 
 
@@ -768,7 +796,13 @@ def run_comparison(args) -> int:
     hyper = Hyper(**({**QUICK_OVERRIDES} if args.quick else {}))
     overrides = {"steps": args.steps, "learning_rate": args.learning_rate}
     hyper = dataclasses.replace(hyper, **{key: value for key, value in overrides.items() if value is not None})
-    settings = args.settings or list(DEFAULT_TUNE_SETTINGS if args.tune else SETTINGS)
+    tuning_mode = "tune" if args.tune else "tune_quantizer" if args.tune_quantizer else None
+    if args.settings:
+        settings = args.settings
+    elif args.tune_quantizer:
+        settings = [name for name, setting in SETTINGS.items() if setting.method == "l4q"]
+    else:
+        settings = list(DEFAULT_TUNE_SETTINGS if args.tune else SETTINGS)
     seeds = args.seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
     probe_steps = args.probe_steps
     if probe_steps is None:
@@ -777,7 +811,7 @@ def run_comparison(args) -> int:
     out_dir = args.out or (QUICK_WORK_DIR / "results" if args.quick else DEFAULT_OUT_DIR)
     if args.quick and out_dir.resolve() == DEFAULT_OUT_DIR.resolve():
         raise SystemExit(f"--quick writes smoke-run results; pass another --out than {_display_path(DEFAULT_OUT_DIR)}")
-    if args.no_readme or args.tune:
+    if args.no_readme or tuning_mode:
         readme = None
     elif args.readme is not None:
         readme = args.readme
@@ -791,11 +825,11 @@ def run_comparison(args) -> int:
             raise SystemExit(str(error)) from None
 
     data_path, data_info = prepare_data(work_dir, hyper, quick=args.quick)
-    if args.tune:
-        count = len(args.tune_grid) * len(settings)
-        estimate = len(args.tune_grid) * estimate_seconds(settings, [0], hyper.steps, quick=args.quick)
-        logger.info("tuning: %d runs of %d steps, estimated %.0f min on 2 busy cores", count, hyper.steps, estimate / 60)
-        run_tuning(args, hyper, data_path, work_dir, out_dir, settings)
+    if tuning_mode:
+        grid = getattr(args, TUNED_FIELDS[tuning_mode][1])
+        estimate = len(grid) * estimate_seconds(settings, [0], hyper.steps, quick=args.quick)
+        logger.info("tuning: %d runs of %d steps, estimated %.0f min on 2 busy cores", len(grid) * len(settings), hyper.steps, estimate / 60)
+        run_tuning(args, tuning_mode, hyper, data_path, work_dir, out_dir, settings)
         return 0
 
     l4q_settings = [name for name in settings if SETTINGS[name].method == "l4q"]
@@ -814,7 +848,7 @@ def run_comparison(args) -> int:
     cache_dir = str(work_dir / "xla_cache")
     specs = [
         RunSpec(
-            "train", name, seed, str(work_dir / "runs" / hyper.key() / name / f"seed{seed}"), str(data_path), hyper,
+            "train", name, seed, str(work_dir / "runs" / hyper.key(SETTINGS[name].method) / name / f"seed{seed}"), str(data_path), hyper,
             hyper.steps, xla_memory=seed == seeds[0], cache_dir=cache_dir,
         )
         for name in settings
@@ -823,7 +857,7 @@ def run_comparison(args) -> int:
     probe_specs = [
         # No compilation cache: both backward passes pay the same compilation, which is part of peak RSS.
         RunSpec(
-            "probe", name, seeds[0], str(work_dir / "probes" / hyper.key() / f"{name}-{backward}-{probe_steps}"),
+            "probe", name, seeds[0], str(work_dir / "probes" / hyper.key(SETTINGS[name].method) / f"{name}-{backward}-{probe_steps}"),
             str(data_path), hyper, probe_steps, custom_vjp=backward == "custom", xla_memory=True,
         )
         for name in probe_settings
@@ -889,6 +923,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--tune", action="store_true", help="learning-rate sweep on dev with seed 0; writes tuning.json")
+    modes.add_argument(
+        "--tune-quantizer", action="store_true",
+        help="sweep of L4Q's quantizer learning-rate ratio on dev with seed 0; writes tuning.json",
+    )
     modes.add_argument("--report", action="store_true", help="rewrite README.md, the plots and the README block from results.json")
     modes.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--settings", nargs="+", type=_setting_name, help=f"settings to run (default: all of {', '.join(SETTINGS)}; with --tune {', '.join(DEFAULT_TUNE_SETTINGS)})")
@@ -896,6 +934,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_positive_int, help=f"training steps per run (default {DEFAULT_STEPS}, {QUICK_OVERRIDES['steps']} with --quick)")
     parser.add_argument("--learning-rate", type=_positive_float, help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g})")
     parser.add_argument("--tune-grid", nargs="+", type=_positive_float, default=list(DEFAULT_TUNE_GRID), help="learning rates that --tune tries")
+    parser.add_argument(
+        "--quantizer-grid", nargs="+", type=_positive_float, default=list(DEFAULT_QUANTIZER_GRID),
+        help="quantizer learning-rate ratios that --tune-quantizer tries",
+    )
     parser.add_argument("--probe-steps", type=_positive_int, help=f"steps of each L4Q memory run (default {DEFAULT_PROBE_STEPS}, {QUICK_PROBE_STEPS} with --quick)")
     parser.add_argument(
         "--jobs", type=_positive_int, default=1,

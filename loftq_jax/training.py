@@ -25,6 +25,7 @@ from flax import nnx
 
 from loftq_jax import data, plots, runtime
 from loftq_jax.errors import InputError
+from loftq_jax.l4q.layer import QuantParam
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of all steps
     decay: Literal["cosine", "linear"] = "cosine"
     clip_norm: float = 1.0  # maximum global norm of the gradient
+    # Learning rate of L4Q's quantizer scales and offsets (loftq_jax.l4q.QuantParam) relative to
+    # learning_rate. Adam's step size does not depend on the size of the gradient, so LSQ's gradient scaling
+    # does not slow these parameters down as it does under SGD.
+    quantizer_lr_ratio: float = 1.0
 
     # Data.
     batch_size: int = 32
@@ -70,6 +75,7 @@ class TrainConfig:
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "a value in [0, 1)"),
             ("decay", self.decay in ("cosine", "linear"), "'cosine' or 'linear'"),
             ("clip_norm", self.clip_norm > 0, "a value > 0"),
+            ("quantizer_lr_ratio", self.quantizer_lr_ratio > 0, "a value > 0"),
             ("batch_size", self.batch_size >= 1, "a value >= 1"),
             ("epochs", self.epochs >= 1, "a value >= 1"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "None or a value >= 1"),
@@ -111,18 +117,41 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def _is_variable(node) -> bool:
+    return isinstance(node, nnx.Variable)
+
+
+def _is_quantizer(leaf) -> bool:
+    return isinstance(leaf, QuantParam)
+
+
 def _decay_mask(params):
     # Only matrices are decayed. Pulling biases and LayerNorm scales (1-D) toward 0 shifts and shrinks
-    # activations instead of limiting the size of a linear map.
-    return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+    # activations instead of limiting the size of a linear map, and pulling L4Q's quantizer scales and
+    # offsets (matrices) toward 0 shrinks and shifts the quantization grid.
+    def decayed(leaf) -> bool:
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        return jnp.ndim(value) >= 2 and not _is_quantizer(leaf)
+
+    return jax.tree.map(decayed, params, is_leaf=_is_variable)
+
+
+def _quantizer_mask(params):
+    return jax.tree.map(_is_quantizer, params, is_leaf=_is_variable)
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """Return global-norm clipping followed by AdamW (Loshchilov and Hutter, arXiv 1711.05101) on the schedule."""
-    return optax.chain(
+    """Return global-norm clipping followed by AdamW (Loshchilov and Hutter, arXiv 1711.05101) on the schedule.
+
+    L4Q's quantizer parameters take steps `config.quantizer_lr_ratio` times the size of the others.
+    """
+    transforms = [
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(make_schedule(config, total_steps), weight_decay=config.weight_decay, mask=_decay_mask),
-    )
+    ]
+    if config.quantizer_lr_ratio != 1.0:
+        transforms.append(optax.masked(optax.scale(config.quantizer_lr_ratio), _quantizer_mask))
+    return optax.chain(*transforms)
 
 
 # ---------------------------------------------------------------------------------------------------------

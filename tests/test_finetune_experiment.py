@@ -262,8 +262,8 @@ def test_choose_learning_rate_by_mean_dev_accuracy():
 
 def test_hyper_key_changes_with_learning_rate():
     base = experiment.Hyper()
-    assert base.key() == experiment.Hyper().key()
-    assert base.key() != experiment.Hyper(learning_rate=3e-4).key()
+    assert base.key("lora") == experiment.Hyper().key("lora")
+    assert base.key("lora") != experiment.Hyper(learning_rate=3e-4).key("lora")
     spec = experiment.RunSpec("train", "l4q2", 1, "run", "data.npz", base, 300, custom_vjp=False)
     assert experiment.RunSpec.from_json(spec.to_json()) == spec
 
@@ -282,3 +282,10 @@ def test_step_time_is_median_of_run_means():
     summary = report.summarize_setting(runs)
     assert summary["mean_step_s"] == pytest.approx(0.32)
     assert summary["median_step_s"] == pytest.approx(0.35)
+
+
+def test_quantizer_ratio_changes_only_l4q_key():
+    base, slower = experiment.Hyper(quantizer_lr_ratio=1.0), experiment.Hyper(quantizer_lr_ratio=0.1)
+    assert base.key("l4q") != slower.key("l4q")
+    for method in ("lora", "qlora", "loftq"):
+        assert base.key(method) == slower.key(method)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from loftq_jax import data, training
 from loftq_jax.errors import InputError
+from loftq_jax.l4q import L4QConfig, L4QLinear
 
 VOCAB = 48
 CLASSES = 3
@@ -149,11 +150,43 @@ def test_weight_decay_skips_vectors():
     np.testing.assert_array_equal(updates["b"], np.zeros(2))
 
 
+def _l4q_state():
+    layer = L4QLinear.from_weight(0.02 * jnp.ones((4, 8)), L4QConfig(bits=4, group_size=4, rank=2), rngs=nnx.Rngs(0))
+    return nnx.state(layer, nnx.LoRAParam)
+
+
+def test_quantizer_steps_scaled_by_ratio():
+    config = training.TrainConfig(learning_rate=1.0, warmup_fraction=0.0, weight_decay=0.0, decay="linear", quantizer_lr_ratio=0.1)
+    tx = training.make_optimizer(config, 10)
+    params = _l4q_state()
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+
+    # Adam's first step is -lr * sign(g) for every element, whatever the size of g.
+    np.testing.assert_allclose(updates["a"][...], -np.ones_like(updates["a"][...]), rtol=1e-4)
+    np.testing.assert_allclose(updates["scale"][...], -0.1 * np.ones_like(updates["scale"][...]), rtol=1e-4)
+    np.testing.assert_allclose(updates["offset"][...], -0.1 * np.ones_like(updates["offset"][...]), rtol=1e-4)
+
+
+def test_weight_decay_skips_quantizer():
+    config = training.TrainConfig(learning_rate=1.0, warmup_fraction=0.0, weight_decay=0.1, decay="linear")
+    tx = training.make_optimizer(config, 10)
+    params = _l4q_state()
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+
+    np.testing.assert_allclose(updates["a"][...], -0.1 * params["a"][...], rtol=1e-6)
+    np.testing.assert_array_equal(updates["scale"][...], np.zeros_like(params["scale"][...]))
+    np.testing.assert_array_equal(updates["offset"][...], np.zeros_like(params["offset"][...]))
+
+
 def test_invalid_config_names_field():
     with pytest.raises(InputError, match=r"TrainConfig.decay = 'step' is invalid; expected 'cosine' or 'linear'"):
         training.TrainConfig(decay="step")
     with pytest.raises(InputError, match="TrainConfig.warmup_fraction"):
         training.TrainConfig(warmup_fraction=1.0)
+    with pytest.raises(InputError, match=r"TrainConfig.quantizer_lr_ratio = 0.0 is invalid; expected a value > 0"):
+        training.TrainConfig(quantizer_lr_ratio=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
