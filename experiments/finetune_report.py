@@ -486,8 +486,8 @@ def render_page(results: dict) -> str:
         "drawn as PEFT draws lora_A.",
         f"- L4Q: learned uniform quantizer per group of {hyper['group_size']} inputs (float32 scale and offset), "
         "min-max initialized on W, A = 0, trained jointly with A and B through Q(W + s·A·B) from the first step "
-        "(no warm-up on Q(W)), memory-saving custom backward. After training the merged weight is quantized once "
-        "and the adapters are dropped (export).",
+        f"(no warm-up on Q(W)) at {hyper.get('quantizer_lr_ratio', 1.0):g} times the learning rate, memory-saving "
+        "custom backward. After training the merged weight is quantized once and the adapters are dropped (export).",
         "- 16-bit LoRA: the unquantized weights stored in bfloat16, computed in float32.",
         "",
         learning_rate_note(results),

@@ -60,7 +60,7 @@ DEFAULT_STEPS = 300
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_TUNE_GRID = (3e-4, 1e-3, 3e-3)
 # The choice of `--tune-quantizer` (tuning.json): L4Q's quantizer learning rate relative to the others.
-DEFAULT_QUANTIZER_LR_RATIO = 1.0
+DEFAULT_QUANTIZER_LR_RATIO = 0.1
 DEFAULT_QUANTIZER_GRID = (0.01, 0.1, 1.0)
 # The tuning sweep trains the unquantized reference and the 2-bit settings, where the methods differ most,
 # to keep it near the length of the full run.
@@ -99,8 +99,8 @@ class Hyper:
     # LoRA: rank and alpha (scaling alpha / rank).
     rank: int = 16
     alpha: float = 16.0
-    # Optimizer, as loftq_jax.training.TrainConfig. Weight decay is off because decoupled decay would also
-    # pull L4Q's scales and offsets (2-D parameters) toward 0, which shrinks the quantization grid.
+    # Optimizer, as loftq_jax.training.TrainConfig. Weight decay is off for every setting, as it was when
+    # the learning rate was tuned.
     learning_rate: float = DEFAULT_LEARNING_RATE
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
