@@ -105,9 +105,9 @@ def summarize_setting(runs: Sequence[dict]) -> dict[str, Any]:
         "dev_accuracy": mean_std([run["dev"]["accuracy"] for run in runs]),
         "dev_macro_f1": mean_std([run["dev"]["macro_f1"] for run in runs]),
         "init_error": mean_std([run["init_error"] for run in runs]),
-        # Each run's mean covers the same batches in every setting, since the data order depends on the seed
-        # alone; a median of a mix of bucket lengths jumps between them. The median over seeds ignores one run
-        # slowed by a burst of load from other processes.
+        # The data order depends on the seed alone, so each run's mean covers the same batches in every
+        # setting. A median of a mix of bucket lengths jumps between them. The median over seeds ignores one
+        # run slowed by a burst of load from other processes.
         "mean_step_s": _median_of(runs, "mean_step_s"),
         "median_step_s": _median_of(runs, "median_step_s"),
         "peak_rss_train_bytes": max(run["peak_rss_train_bytes"] for run in runs),

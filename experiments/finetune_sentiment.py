@@ -738,7 +738,7 @@ def choose_learning_rate(accuracy: dict[str, dict[str, float]]) -> tuple[float, 
     return float(chosen), means
 
 
-# What each tuning mode sweeps: the Hyper field, its grid argument, its name in messages and its constant.
+# The sweep of each tuning mode: the Hyper field, its grid argument, its name in messages and its constant.
 TUNED_FIELDS = {
     "tune": ("learning_rate", "tune_grid", "learning rate", "DEFAULT_LEARNING_RATE"),
     "tune_quantizer": ("quantizer_lr_ratio", "quantizer_grid", "quantizer learning-rate ratio", "DEFAULT_QUANTIZER_LR_RATIO"),
@@ -796,7 +796,11 @@ def run_comparison(args) -> int:
     hyper = Hyper(**({**QUICK_OVERRIDES} if args.quick else {}))
     overrides = {"steps": args.steps, "learning_rate": args.learning_rate}
     hyper = dataclasses.replace(hyper, **{key: value for key, value in overrides.items() if value is not None})
-    tuning_mode = "tune" if args.tune else "tune_quantizer" if args.tune_quantizer else None
+    tuning_mode = None
+    if args.tune:
+        tuning_mode = "tune"
+    elif args.tune_quantizer:
+        tuning_mode = "tune_quantizer"
     if args.settings:
         settings = args.settings
     elif args.tune_quantizer:
