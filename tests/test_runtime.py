@@ -81,7 +81,7 @@ def test_limit_blas_threads_sets_openblas():
         assert all(pool["num_threads"] == 1 for pool in blas)
 
 
-def _swallow_interrupt() -> None:
+def _drop_interrupt() -> None:
     """Deliver Ctrl-C to this process and drop the KeyboardInterrupt, as Python does inside a gc callback."""
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -94,7 +94,7 @@ def _swallow_interrupt() -> None:
 def test_dropped_interrupt_is_raised_again():
     with runtime.remember_interrupts():
         runtime.raise_if_interrupted()
-        _swallow_interrupt()
+        _drop_interrupt()
         with pytest.raises(KeyboardInterrupt):
             runtime.raise_if_interrupted()
 
@@ -102,6 +102,6 @@ def test_dropped_interrupt_is_raised_again():
 def test_remembered_interrupt_ends_with_the_block():
     default = signal.getsignal(signal.SIGINT)
     with runtime.remember_interrupts():
-        _swallow_interrupt()
+        _drop_interrupt()
     assert signal.getsignal(signal.SIGINT) is default
     runtime.raise_if_interrupted()
